@@ -2661,7 +2661,9 @@ class Depot:
                              removed)
             except Exception:
                 log.exception("janitor run failed")
-            self.store.garbage.wait(JANITOR_INTERVAL)
+            # A short expiry is checked more often, so it holds to a second.
+            self.store.garbage.wait(min(JANITOR_INTERVAL,
+                                        max(self.settings.upload_expiry / 2, 1)))
             self.store.garbage.clear()
 
     def expire_uploads(self):
