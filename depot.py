@@ -33,6 +33,7 @@ import json
 import logging
 import mimetypes
 import os
+import queue
 import re
 import signal
 import socket
@@ -63,7 +64,7 @@ access_log = logging.getLogger("depot.access")
 CHUNK_SIZE = 1024 * 1024
 
 #: Bytes asked of the socket per read while a body streams in.
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024
 
 #: Largest manifest accepted; the OCI distribution-spec asks for at least 4 MiB.
 MANIFEST_LIMIT = 4 * 1024 * 1024
@@ -83,6 +84,10 @@ BUSY_TIMEOUT_MS = 60_000
 #: Largest number of SQLite connections open at once.
 POOL_SIZE = 32
 
+#: SQLite's ``synchronous`` for the writes of a body's chunks, per durability
+#: setting. The commit that acknowledges an upload is always FULL.
+DURABILITY = {"fast": "OFF", "safe": "NORMAL"}
+
 SETTINGS = (
     # (name, flag type, default, help)
     ("host", str, "0.0.0.0", "address to listen on"),
@@ -96,6 +101,10 @@ SETTINGS = (
     ("threads", int, 16, "worker threads per server"),
     ("upload_expiry", int, 24 * 3600,
      "seconds after which an idle registry upload session is removed"),
+    ("durability", str, "fast",
+     "fast: chunk writes are not flushed one by one (safe against crashes of "
+     "Depot; what was acknowledged is on disk); safe: every chunk write is "
+     "flushed too (also safe against power loss in mid-upload, slower)"),
 )
 
 
@@ -154,6 +163,8 @@ class Settings:
             parser.error("log level must be debug, info, warning or error")
         if not 0 < settings.port < 65536:
             parser.error("port must be between 1 and 65535")
+        if settings.durability not in DURABILITY:
+            parser.error("durability must be fast or safe")
         if settings.threads < 1 or settings.upload_expiry < 1:
             parser.error("threads and upload expiry must be positive")
         return settings
@@ -225,6 +236,13 @@ def storage_failure(error):
 # stored, drops the new copy) and links it where it belongs. A crash at any
 # moment therefore leaves either the whole upload or nothing visible; what it
 # leaves behind is unreferenced and freed by the garbage collector.
+#
+# The database uses a rollback journal, not WAL: the chunks of a body go to
+# pages appended to the file, which a rollback journal need not copy, so every
+# byte is written once (WAL writes it twice: to the log, then at checkpoint).
+# Chunk commits are not flushed one by one (``synchronous=OFF``, safe against
+# any crash of the process); the commit that acknowledges an upload is
+# flushed with everything before it (``synchronous=FULL``).
 #
 # Content that nothing references (no raw file, no linked blob, no upload
 # session) is garbage. The collector first clears its digest, so nothing can
@@ -336,8 +354,9 @@ class Store:
     that writers queue here instead of failing with SQLITE_BUSY.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, durability="fast"):
         self.path = path
+        self.synchronous = DURABILITY[durability]
         self._pool = []
         self._open = 0
         self._pool_ready = threading.Condition()
@@ -359,10 +378,9 @@ class Store:
         if first:
             # Page size only takes effect before the first table exists.
             connection.execute("PRAGMA page_size = 65536")
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA journal_size_limit = 67108864")
+            connection.execute("PRAGMA journal_mode = PERSIST")
         connection.execute("PRAGMA foreign_keys = ON")
-        connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute("PRAGMA synchronous = %s" % self.synchronous)
         connection.execute("PRAGMA cache_size = -8192")
         return connection
 
@@ -439,7 +457,8 @@ class Store:
                 raise full from error
             finally:
                 if durable:
-                    connection.execute("PRAGMA synchronous = NORMAL")
+                    connection.execute("PRAGMA synchronous = %s"
+                                       % self.synchronous)
 
     def healthy(self):
         """True when the database answers a query."""
@@ -594,6 +613,11 @@ class Store:
 class ContentWriter:
     """Streams bytes into the chunks of one content row, hashing on the way.
 
+    The request's thread reads and hashes; each full chunk goes through a
+    short queue to a storing thread, so that hashing and SQLite's writes run
+    on two cores at once. A body smaller than one chunk is stored without a
+    thread. ``size`` counts the bytes stored once ``close()`` has returned.
+
     ``touch`` is an optional callable run inside each chunk's transaction
     (an upload session uses it to check it still exists and to mark it used).
     """
@@ -602,30 +626,71 @@ class ContentWriter:
         self.store, self.content_id = store, content_id
         self.size, self.hasher, self.touch = size, hasher, touch
         self.buffer = bytearray()
+        self.queue = None
+        self.thread = None
+        self.failure = None
 
     def write(self, data):
         self.hasher.update(data)
         if not self.buffer and len(data) >= CHUNK_SIZE:
-            self._store(data)
+            self._submit(data)
             return
         self.buffer += data
         if len(self.buffer) >= CHUNK_SIZE:
-            self.flush()
-
-    def flush(self):
-        if self.buffer:
-            self._store(self.buffer)
+            self._submit(bytes(self.buffer))
             self.buffer = bytearray()
+
+    def close(self):
+        """Store what is buffered and wait until every chunk is stored."""
+        if self.buffer and self.thread is None:
+            self._store(self.buffer)
+        elif self.buffer:
+            self._submit(bytes(self.buffer))
+        self.buffer = bytearray()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+        if self.failure is not None:
+            raise self.failure
+
+    def _submit(self, chunk):
+        if self.failure is not None:
+            raise self.failure
+        if self.thread is None:
+            self.queue = queue.Queue(maxsize=2)
+            self.thread = threading.Thread(target=self._drain, daemon=True,
+                                           name="store content %d"
+                                           % self.content_id)
+            self.thread.start()
+        self.queue.put(chunk)
+
+    def _drain(self):
+        while True:
+            chunk = self.queue.get()
+            if chunk is None:
+                return
+            if self.failure is None:
+                try:
+                    self._store(chunk)
+                except BaseException as error:
+                    self.failure = error
 
     def _store(self, data):
         with self.store.write() as db:
             if self.touch is not None:
                 self.touch(db)
+            # Room first, then the bytes through incremental blob I/O: this
+            # saves binding (and copying) the chunk as a statement parameter.
             db.execute("INSERT INTO chunk (content_id, start, data) "
-                       "VALUES (?, ?, ?)", (self.content_id, self.size, data))
-            self.size += len(data)
+                       "VALUES (?, ?, zeroblob(?))",
+                       (self.content_id, self.size, len(data)))
+            with db.blob_open("main", "chunk", "data", db.last_insert_rowid(),
+                              True) as blob:
+                blob.write(data)
             db.execute("UPDATE content SET size = ? WHERE id = ?",
-                       (self.size, self.content_id))
+                       (self.size + len(data), self.content_id))
+        self.size += len(data)
 
 
 def rehash(store, content_id, size, algorithm="sha256"):
@@ -664,22 +729,55 @@ def body_pieces(environ, limit=None):
     length = body_length(environ)
     if limit is not None and length is not None and length > limit:
         raise too_large(limit)
+    pieces = chunked_pieces(stream) if length is None else \
+        sized_pieces(stream, length)
     received = 0
-    while length is None or received < length:
-        want = READ_SIZE if length is None else min(CHUNK_SIZE, length - received)
-        try:
-            piece = stream.read(want)
-        except (OSError, ValueError, cheroot.errors.MaxSizeExceeded) as error:
-            raise BadBody("the request body broke off: %s" % error) from error
-        if not piece:
-            break
-        received += len(piece)
-        if limit is not None and received > limit:
-            raise too_large(limit)
-        yield piece
+    try:
+        for piece in pieces:
+            received += len(piece)
+            if limit is not None and received > limit:
+                raise too_large(limit)
+            yield piece
+    except (OSError, ValueError, cheroot.errors.MaxSizeExceeded) as error:
+        raise BadBody("the request body broke off: %s" % error) from error
     if length is not None and received < length:
         raise BadBody("the request body ended after %d of the %d bytes its "
                       "Content-Length announced" % (received, length))
+
+
+def sized_pieces(stream, length):
+    """Pieces of a body with a Content-Length, a chunk's worth at a time."""
+    received = 0
+    while received < length:
+        piece = stream.read(min(CHUNK_SIZE, length - received))
+        if not piece:
+            return
+        received += len(piece)
+        yield piece
+
+
+def chunked_pieces(stream):
+    """The pieces of a body in chunked transfer encoding, one HTTP chunk each.
+
+    cheroot's ChunkedRFile parses the framing. Its ``read(n)`` copies the
+    data again and again when ``n`` differs from the client's chunk size
+    (seconds of CPU per gigabyte), so each chunk is taken whole from its
+    buffer, falling back to ``read`` if that reader ever changes shape.
+    """
+    fetch = getattr(stream, "_fetch", None)
+    if fetch is None or not isinstance(getattr(stream, "buffer", None), bytes):
+        while True:
+            piece = stream.read(READ_SIZE)
+            if not piece:
+                return
+            yield piece
+    while True:
+        if not stream.buffer:
+            fetch()
+            if not stream.buffer:
+                return
+        piece, stream.buffer = stream.buffer, b""
+        yield piece
 
 
 def too_large(limit):
@@ -694,18 +792,16 @@ def read_body(environ, limit):
 
 
 def receive(environ, writer):
-    """Copy the request body into a ContentWriter; returns the bytes received.
+    """Copy the request body into a ContentWriter.
 
     What arrived before a body broke off is kept (an upload session can
     resume from there) and the BadBody is raised on.
     """
-    before = writer.size + len(writer.buffer)
     try:
         for piece in body_pieces(environ):
             writer.write(piece)
     finally:
-        writer.flush()
-    return writer.size - before
+        writer.close()
 
 
 class RangeNotSatisfiable(Exception):
@@ -2823,7 +2919,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(settings.db_path), exist_ok=True)
     lock = lock_data(settings)
     cert, key = ensure_certificate(settings)
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, settings.durability)
     depot = Depot(settings, store, (cert, key))
     stop = threading.Event()
 
