@@ -47,6 +47,7 @@ import uuid
 import apsw
 import bottle
 import cheroot.errors
+import cheroot.server
 import cheroot.wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
@@ -68,6 +69,10 @@ READ_SIZE = 64 * 1024
 
 #: Largest manifest accepted; the OCI distribution-spec asks for at least 4 MiB.
 MANIFEST_LIMIT = 4 * 1024 * 1024
+
+#: Bytes of a chunked body read and dropped after an error, to keep the
+#: connection usable; a longer body closes the connection instead.
+DISCARD_LIMIT = 4 * 1024 * 1024
 
 #: Largest JSON body accepted by the management API.
 API_BODY_LIMIT = 1024 * 1024
@@ -263,7 +268,7 @@ MIGRATIONS = (
     );
 
     CREATE TABLE content (
-        id          INTEGER PRIMARY KEY,
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
         digest      TEXT UNIQUE,
         size        INTEGER NOT NULL,
         created_at  REAL NOT NULL
@@ -584,9 +589,18 @@ class Store:
         return removed
 
     def _delete_content(self, content_id):
-        """Delete a dead content's chunks a batch at a time, then its row."""
+        """Delete a dead content's chunks a batch at a time, then its row.
+
+        Each batch checks again that the content is dead: an upload listed
+        as garbage may have been finished (given its digest, linked) since.
+        """
         while True:
             with self.write() as db:
+                dead = db.execute(
+                    "SELECT 1 FROM content WHERE id = ? AND digest IS NULL "
+                    "AND " + UNREFERENCED, (content_id,)).fetchone()
+                if dead is None:
+                    return
                 db.execute(
                     "DELETE FROM chunk WHERE id IN (SELECT id FROM chunk "
                     "WHERE content_id = ? LIMIT 64)", (content_id,))
@@ -780,6 +794,23 @@ def chunked_pieces(stream):
         yield piece
 
 
+def discard_body(environ, response):
+    """Read what an error answer leaves unread of a chunked request body.
+
+    cheroot reads the rest of a body with a Content-Length by itself, but
+    not of a chunked one, whose bytes it would take for the next request on
+    the connection. Up to DISCARD_LIMIT bytes are read; past that the answer
+    says ``Connection: close``.
+    """
+    try:
+        if body_length(environ) is not None:
+            return
+        for _piece in body_pieces(environ, DISCARD_LIMIT):
+            pass
+    except BadBody:
+        response.set_header("Connection", "close")
+
+
 def too_large(limit):
     error = BadBody("the body is larger than the limit of %d bytes" % limit)
     error.too_large = True
@@ -825,6 +856,8 @@ def parse_range(header, size):
     match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
     if not match or match.group(1) == match.group(2) == "":
         return None
+    if size == 0:
+        raise RangeNotSatisfiable()
     first, last = match.groups()
     if first == "":
         length = int(last)
@@ -870,6 +903,11 @@ def send_content(store, content_id, size):
 def stream_and_unpin(chunks, pin):
     try:
         yield from chunks
+    except Exception:
+        # The status line has gone out; all that is left is to cut the
+        # connection (the server does) and to tell the operator why.
+        log.exception("sending stored content failed")
+        raise
     finally:
         pin.__exit__(None, None, None)
 
@@ -896,11 +934,39 @@ def parse_json(data, what):
     except UnicodeDecodeError as error:
         raise ValueError("%s is not valid UTF-8 (%s)" % (what, error)) from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_keys,
+                          parse_constant=no_constants)
     except RecursionError:
         raise ValueError("%s is nested too deeply" % what) from None
     except json.JSONDecodeError as error:
         raise ValueError("%s is not valid JSON (%s)" % (what, error)) from None
+    except DuplicateKey as error:
+        raise ValueError("%s has the key %r twice" % (what, error.args[0])) \
+            from None
+    except NotJson as error:
+        raise ValueError("%s is not valid JSON (%s is not a JSON value)"
+                         % (what, error.args[0])) from None
+
+
+class DuplicateKey(Exception):
+    """A JSON object names the same key twice (parsers disagree on those)."""
+
+
+class NotJson(Exception):
+    """NaN or Infinity, which Python's parser takes and JSON does not have."""
+
+
+def unique_keys(pairs):
+    document = {}
+    for key, value in pairs:
+        if key in document:
+            raise DuplicateKey(key)
+        document[key] = value
+    return document
+
+
+def no_constants(name):
+    raise NotJson(name)
 
 
 ###############################################################################
@@ -1025,6 +1091,10 @@ class Registry:
                 failure = error
             except Exception as error:
                 failure = registry_failure(error)
+            # Headers set before the failure (a blob's digest, say) go.
+            response.bind()
+            response.set_header("Docker-Distribution-API-Version", "registry/2.0")
+            discard_body(bottle.request.environ, response)
             response.status = failure.status
             for header, value in failure.headers.items():
                 response.set_header(header, value)
@@ -1047,6 +1117,12 @@ class Registry:
     def dispatch(self, path):
         """Route a request under the registry by splitting its path from the right."""
         method = bottle.request.method
+        try:
+            bottle.request.environ.get("bottle.raw_path", "").encode(
+                "latin1").decode("utf-8")
+        except UnicodeError:
+            raise RegistryError("NAME_INVALID", 400,
+                                "the path is not valid UTF-8") from None
         if path in ("v2", "v2/"):
             return self.endpoint(method)
         if not path.startswith("v2/"):
@@ -1692,7 +1768,7 @@ def parse_manifest(data, content_type):
     blobs = []
     if config is not None:
         blobs.append(descriptor_digest(config, "config", invalid))
-        if artifact_type is None:
+        if not artifact_type:
             artifact_type = config.get("mediaType")
     for number, layer in enumerate(layers):
         digest = descriptor_digest(layer, "layers[%d]" % number, invalid)
@@ -1727,7 +1803,9 @@ def descriptor_digest(descriptor, where, invalid):
 # stores a file, ``GET`` reads it back, a path ending in ``/`` lists a
 # directory. Directories are implied by the paths of the files below them.
 
-RAW_PATH_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
+#: Control characters, backslashes, and slashes or backslashes left encoded
+#: by the server (cheroot keeps ``%2F`` as it is in PATH_INFO).
+RAW_PATH_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]|%2[fF]|%5[cC]")
 SHA256_HEX = re.compile(r"[a-f0-9]{64}")
 #: Content types that clients send by default and that say nothing of the file.
 MEANINGLESS_TYPES = ("", "application/x-www-form-urlencoded")
@@ -1738,8 +1816,8 @@ def check_raw_path(path):
     if len(path) > RAW_PATH_LIMIT:
         raise ApiError(400, "path: longer than %d characters" % RAW_PATH_LIMIT)
     if RAW_PATH_FORBIDDEN.search(path):
-        raise ApiError(400, "path: backslashes and control characters are "
-                            "not allowed")
+        raise ApiError(400, "path: backslashes, encoded slashes and control "
+                            "characters are not allowed")
     segments = path.rstrip("/").split("/") if path.rstrip("/") else []
     for segment in segments:
         if segment in ("", ".", ".."):
@@ -2046,6 +2124,8 @@ class Management:
             except Exception as error:
                 failure = api_failure(error)
             response = bottle.response
+            response.bind()
+            discard_body(bottle.request.environ, response)
             response.status = failure.status
             for header, value in failure.headers.items():
                 response.set_header(header, value)
@@ -2145,6 +2225,8 @@ class Management:
             raise ApiError(400, "type: required; one of %s"
                            % ", ".join(REPOSITORY_TYPES))
         description = check_description(document.get("description", ""))
+        if "config" in document and not isinstance(document["config"], dict):
+            raise ApiError(400, "config: must be an object")
         config = check_config(kind, document.get("config"))
         repository = self.depot.create_repository(name, kind, description,
                                                   config)
@@ -2433,15 +2515,60 @@ class LoggedBody:
                 (time.perf_counter() - self.started) * 1000)
 
 
+def error_connection(render):
+    """A cheroot connection class whose own error answers are JSON.
+
+    cheroot answers some requests before any app sees them (a malformed
+    request line, headers over the limit) with a text/plain body; ``render``
+    gives the surface's JSON body for a status and message instead.
+    """
+    class ErrorRequest(cheroot.server.HTTPRequest):
+        def simple_response(self, status, msg=""):
+            status = str(status)
+            if int(status[:3]) < 400:
+                return super().simple_response(status, msg)
+            body, headers = render(int(status[:3]), msg or status[4:])
+            lines = ["%s %s" % (self.server.protocol, status),
+                     "Content-Type: application/json",
+                     "Content-Length: %d" % len(body)]
+            lines += ["%s: %s" % header for header in headers]
+            if status[:3] in ("413", "414"):
+                self.close_connection = True
+                lines.append("Connection: close")
+            head = "\r\n".join(lines).encode("ISO-8859-1") + b"\r\n\r\n"
+            try:
+                self.conn.wfile.write(head + body)
+            except OSError as error:
+                if error.args[0] not in cheroot.errors.socket_errors_to_ignore:
+                    raise
+
+    class ErrorConnection(cheroot.server.HTTPConnection):
+        RequestHandlerClass = ErrorRequest
+
+    return ErrorConnection
+
+
+def render_api_error(status, message):
+    return ApiError(status, message).body().encode(), []
+
+
+def render_registry_error(status, message):
+    code = "SIZE_INVALID" if status == 413 else "UNSUPPORTED"
+    return (RegistryError(code, status, message).body().encode(),
+            [("Docker-Distribution-API-Version", "registry/2.0")])
+
+
 class Listener:
     """One cheroot server on one port, serving a WSGI app from its own thread."""
 
-    def __init__(self, app, host, port, tls, label, threads):
+    def __init__(self, app, host, port, tls, label, threads,
+                 render=render_registry_error):
         self.port, self.tls, self.label = port, tls, label
         self.server = cheroot.wsgi.Server(
             (host, port), AccessLog(app, label), numthreads=threads,
             server_name="depot", timeout=30, shutdown_timeout=5)
         self.server.max_request_header_size = 64 * 1024
+        self.server.ConnectionClass = error_connection(render)
         if tls is not None:
             self.server.ssl_adapter = tls_adapter(*tls)
         self.thread = None
@@ -2477,13 +2604,12 @@ class RegistryService:
         self.listeners.clear()
 
 
-def wsgi_registry_error(error, start_response):
-    """Answer a bare WSGI request with a RegistryError."""
-    body = error.body().encode()
-    start_response("%d %s" % (error.status, "Not Found"), [
+def wsgi_error(status, body, start_response, headers=()):
+    """Answer a bare WSGI request with an error body (JSON text)."""
+    body = body.encode()
+    start_response("%d %s" % (status, bottle.HTTP_CODES.get(status, "Error")), [
         ("Content-Type", "application/json"),
-        ("Content-Length", str(len(body))),
-        ("Docker-Distribution-API-Version", "registry/2.0")])
+        ("Content-Length", str(len(body))), *headers])
     return [body]
 
 
@@ -2504,11 +2630,11 @@ class Depot:
     # Life cycle ------------------------------------------------------------
 
     def start(self):
-        """Start the main server, every registry, and the janitor."""
-        self.main = Listener(self.dispatch_main, self.settings.host,
-                             self.settings.port, self.tls, "main",
-                             self.settings.threads)
-        self.main.start()
+        """Start every registry, then the main server, then the janitor.
+
+        The main port comes last, so that once the API answers, every
+        registry that can be served is.
+        """
         with self.store.read() as db:
             rows = db.execute(
                 "SELECT id, name, type, description, config, created_at, "
@@ -2519,6 +2645,15 @@ class Depot:
             service = RegistryService(Registry(self, repository))
             self.registries[repository["name"]] = service
             self.bind_registry(service, repository, tolerate_failure=True)
+        self.main = Listener(self.dispatch_main, self.settings.host,
+                             self.settings.port, self.tls, "main",
+                             self.settings.threads, render_api_error)
+        try:
+            self.main.start()
+        except OSError:
+            for service in self.registries.values():
+                service.stop()
+            raise
         self.janitor.start()
 
     def stop(self):
@@ -2534,13 +2669,19 @@ class Depot:
     def dispatch_main(self, environ, start_response):
         """The main port's WSGI app: /v2/ to the registry mounted there."""
         path = environ.get("PATH_INFO", "")
+        try:
+            path.encode("latin1").decode("utf-8")
+        except UnicodeError:
+            return wsgi_error(400, ApiError(400, "the path is not valid UTF-8")
+                              .body(), start_response)
         if path == "/v2" or path.startswith("/v2/"):
             service = self.registries.get(self.main_registry)
             if service is None:
-                return wsgi_registry_error(RegistryError(
+                return wsgi_error(404, RegistryError(
                     "UNSUPPORTED", 404, "no docker repository is served on "
-                    "this port; give one http_port and https_port 0"),
-                    start_response)
+                    "this port; give one http_port and https_port 0").body(),
+                    start_response,
+                    [("Docker-Distribution-API-Version", "registry/2.0")])
             return service.registry.app(environ, start_response)
         return self.management.app(environ, start_response)
 
