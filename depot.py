@@ -811,6 +811,35 @@ def discard_body(environ, response):
         response.set_header("Connection", "close")
 
 
+def error_renderer(error_class, failure_for, headers=()):
+    """A bottle plugin: the one place where a surface's errors become answers.
+
+    Handlers raise ``error_class``; any other exception becomes one through
+    ``failure_for``. ``headers`` go on every answer, errors included; other
+    headers set before a failure (a blob's digest, say) are dropped.
+    """
+    def plugin(callback):
+        def wrapper(*args, **kwargs):
+            response = bottle.response
+            for name, value in headers:
+                response.set_header(name, value)
+            try:
+                return callback(*args, **kwargs)
+            except error_class as error:
+                failure = error
+            except Exception as error:
+                failure = failure_for(error)
+            response.bind()
+            for name, value in (*headers, *failure.headers.items()):
+                response.set_header(name, value)
+            discard_body(bottle.request.environ, response)
+            response.status = failure.status
+            response.content_type = "application/json"
+            return failure.body().encode()
+        return wrapper
+    return plugin
+
+
 def too_large(limit):
     error = BadBody("the body is larger than the limit of %d bytes" % limit)
     error.too_large = True
@@ -984,6 +1013,8 @@ NAME_PATTERN = re.compile(
 TAG_PATTERN = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 DIGEST_PATTERN = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
+#: Headers on every answer of a registry port.
+REGISTRY_HEADERS = (("Docker-Distribution-API-Version", "registry/2.0"),)
 NAME_LIMIT = 255
 
 ROUTES = (
@@ -1075,36 +1106,16 @@ class Registry:
         self._hashers = {}
         self._locks_lock = threading.Lock()
         self.app = bottle.Bottle()
-        self.app.install(self._render_errors)
+        self.app.install(error_renderer(RegistryError, registry_failure,
+                                        REGISTRY_HEADERS))
         self.app.default_error_handler = self._bottle_error
         self.app.route("/<path:re:.*>", "ANY", self.dispatch)
 
     # Plumbing --------------------------------------------------------------
 
-    def _render_errors(self, callback):
-        def wrapper(*args, **kwargs):
-            response = bottle.response
-            response.set_header("Docker-Distribution-API-Version", "registry/2.0")
-            try:
-                return callback(*args, **kwargs)
-            except RegistryError as error:
-                failure = error
-            except Exception as error:
-                failure = registry_failure(error)
-            # Headers set before the failure (a blob's digest, say) go.
-            response.bind()
-            response.set_header("Docker-Distribution-API-Version", "registry/2.0")
-            discard_body(bottle.request.environ, response)
-            response.status = failure.status
-            for header, value in failure.headers.items():
-                response.set_header(header, value)
-            response.content_type = "application/json"
-            return failure.body().encode()
-        return wrapper
-
     def _bottle_error(self, error):
-        bottle.response.set_header("Docker-Distribution-API-Version",
-                                   "registry/2.0")
+        for name, value in REGISTRY_HEADERS:
+            bottle.response.set_header(name, value)
         bottle.response.content_type = "application/json"
         failure = RegistryError("UNKNOWN", error.status_code,
                                 error.body or "internal error")
@@ -2100,7 +2111,7 @@ class Management:
         self.depot, self.store = depot, depot.store
         self.raw = RawFiles(depot)
         app = self.app = bottle.Bottle()
-        app.install(self._render_errors)
+        app.install(error_renderer(ApiError, api_failure))
         app.default_error_handler = self._bottle_error
         app.route("/api/v1/health", "GET", self.health)
         app.route("/api/v1/openapi.json", "GET", self.openapi)
@@ -2114,24 +2125,6 @@ class Management:
         app.route("/repository/<name>/<path:re:.*>", "ANY", self.raw_request)
 
     # Plumbing --------------------------------------------------------------
-
-    def _render_errors(self, callback):
-        def wrapper(*args, **kwargs):
-            try:
-                return callback(*args, **kwargs)
-            except ApiError as error:
-                failure = error
-            except Exception as error:
-                failure = api_failure(error)
-            response = bottle.response
-            response.bind()
-            discard_body(bottle.request.environ, response)
-            response.status = failure.status
-            for header, value in failure.headers.items():
-                response.set_header(header, value)
-            response.content_type = "application/json"
-            return failure.body().encode()
-        return wrapper
 
     def _bottle_error(self, error):
         bottle.response.content_type = "application/json"
@@ -2555,7 +2548,7 @@ def render_api_error(status, message):
 def render_registry_error(status, message):
     code = "SIZE_INVALID" if status == 413 else "UNSUPPORTED"
     return (RegistryError(code, status, message).body().encode(),
-            [("Docker-Distribution-API-Version", "registry/2.0")])
+            list(REGISTRY_HEADERS))
 
 
 class Listener:
@@ -2681,7 +2674,7 @@ class Depot:
                     "UNSUPPORTED", 404, "no docker repository is served on "
                     "this port; give one http_port and https_port 0").body(),
                     start_response,
-                    [("Docker-Distribution-API-Version", "registry/2.0")])
+                    list(REGISTRY_HEADERS))
             return service.registry.app(environ, start_response)
         return self.management.app(environ, start_response)
 

@@ -73,8 +73,12 @@ def peak_memory(process):
 
 
 def database(depot):
-    return apsw.Connection(str(depot.data_dir / "depot.db"),
-                           flags=apsw.SQLITE_OPEN_READONLY)
+    """A read-only look into a running Depot's database."""
+    connection = apsw.Connection(str(depot.data_dir / "depot.db"),
+                                 flags=apsw.SQLITE_OPEN_READONLY)
+    # Depot may hold its write lock for a moment; wait as Depot's readers do.
+    connection.set_busy_timeout(30_000)
+    return connection
 
 
 # Storing and reading -------------------------------------------------------------
