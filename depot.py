@@ -871,6 +871,10 @@ class RangeNotSatisfiable(Exception):
         super().__init__("the requested range is not satisfiable")
         self.size = size
 
+    def headers(self):
+        return {"Content-Range": "bytes */%d" % self.size,
+                "Accept-Ranges": "bytes"}
+
 
 class ContentGone(Exception):
     """The content was deleted between finding it and reading it."""
@@ -885,20 +889,18 @@ def parse_range(header, size):
     match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
     if not match or match.group(1) == match.group(2) == "":
         return None
-    if size == 0:
-        raise RangeNotSatisfiable()
     first, last = match.groups()
     if first == "":
         length = int(last)
-        if length == 0:
+        if length == 0 or size == 0:
             raise RangeNotSatisfiable()
         return max(size - length, 0), size
     start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
     if last != "" and int(last) < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable()
+    end = size if last == "" else min(int(last) + 1, size)
     return start, end
 
 
@@ -1018,11 +1020,14 @@ REGISTRY_HEADERS = (("Docker-Distribution-API-Version", "registry/2.0"),)
 NAME_LIMIT = 255
 
 ROUTES = (
-    ("upload", re.compile(r"(?P<name>.+)/blobs/uploads/(?P<session>[^/]*)")),
-    ("blob", re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)")),
-    ("manifest", re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)")),
-    ("tags", re.compile(r"(?P<name>.+)/tags/list")),
-    ("referrers", re.compile(r"(?P<name>.+)/referrers/(?P<digest>[^/]+)")),
+    ("upload", re.compile(r"(?P<name>.+)/blobs/uploads/(?P<session>[^/]*)",
+                          re.S)),
+    ("blob", re.compile(r"(?P<name>.+)/blobs/(?P<digest>[^/]+)", re.S)),
+    ("manifest", re.compile(r"(?P<name>.+)/manifests/(?P<reference>[^/]+)",
+                            re.S)),
+    ("tags", re.compile(r"(?P<name>.+)/tags/list", re.S)),
+    ("referrers", re.compile(r"(?P<name>.+)/referrers/(?P<digest>[^/]+)",
+                             re.S)),
 )
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -1128,12 +1133,8 @@ class Registry:
     def dispatch(self, path):
         """Route a request under the registry by splitting its path from the right."""
         method = bottle.request.method
-        try:
-            bottle.request.environ.get("bottle.raw_path", "").encode(
-                "latin1").decode("utf-8")
-        except UnicodeError:
-            raise RegistryError("NAME_INVALID", 400,
-                                "the path is not valid UTF-8") from None
+        # Bottle's route drops a trailing newline; the whole path decides.
+        path = bottle.request.path[1:]
         if path in ("v2", "v2/"):
             return self.endpoint(method)
         if not path.startswith("v2/"):
@@ -1702,8 +1703,8 @@ def registry_failure(error):
     if isinstance(error, BadBody):
         return RegistryError("BLOB_UPLOAD_INVALID", 400, str(error))
     if isinstance(error, RangeNotSatisfiable):
-        return RegistryError("UNSUPPORTED", 416, str(error), headers={
-            "Content-Range": "bytes */%d" % error.size})
+        return RegistryError("UNSUPPORTED", 416, str(error),
+                             headers=error.headers())
     if isinstance(error, ContentGone):
         return RegistryError("BLOB_UNKNOWN", 404,
                              "the blob was deleted while being read")
@@ -1845,11 +1846,6 @@ class RawFiles:
     def handle(self, repository, path):
         """Dispatch a request for ``path`` in a raw repository by method."""
         method = bottle.request.method
-        raw_path = bottle.request.environ.get("bottle.raw_path", "")
-        try:
-            raw_path.encode("latin1").decode("utf-8")
-        except UnicodeError:
-            raise ApiError(400, "path: not valid UTF-8") from None
         check_raw_path(path)
         if path == "" or path.endswith("/"):
             if method not in ("GET", "HEAD"):
@@ -2291,8 +2287,7 @@ def api_failure(error):
     if isinstance(error, BadBody):
         return ApiError(400, str(error))
     if isinstance(error, RangeNotSatisfiable):
-        return ApiError(416, str(error),
-                        {"Content-Range": "bytes */%d" % error.size})
+        return ApiError(416, str(error), error.headers())
     if isinstance(error, ContentGone):
         return ApiError(404, "the file was deleted while being read")
     log.exception("internal error")
@@ -2551,14 +2546,45 @@ def render_registry_error(status, message):
             list(REGISTRY_HEADERS))
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def guard_paths(app, registry_port):
+    """WSGI middleware: 400 for a path that is not UTF-8 or holds controls.
+
+    Bottle drops bytes it cannot decode and its routes match before a
+    trailing newline, so such a path could reach another resource than the
+    one it names (``DELETE /api/v1/repositories/a%0A`` would delete ``a``).
+    """
+    def guarded(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        registry = registry_port or path.startswith("/v2")
+        try:
+            problem = None
+            text = path.encode("latin1").decode("utf-8")
+            # The registry checks names, tags and digests in full itself.
+            if not registry and CONTROL_CHARACTERS.search(text):
+                problem = "the path holds control characters"
+        except UnicodeError:
+            problem = "the path is not valid UTF-8"
+        if problem is None:
+            return app(environ, start_response)
+        if registry:
+            return wsgi_error(400, RegistryError("NAME_INVALID", 400, problem)
+                              .body(), start_response, REGISTRY_HEADERS)
+        return wsgi_error(400, ApiError(400, problem).body(), start_response)
+    return guarded
+
+
 class Listener:
     """One cheroot server on one port, serving a WSGI app from its own thread."""
 
-    def __init__(self, app, host, port, tls, label, threads,
-                 render=render_registry_error):
+    def __init__(self, app, host, port, tls, label, threads, registry=True):
         self.port, self.tls, self.label = port, tls, label
+        render = render_registry_error if registry else render_api_error
         self.server = cheroot.wsgi.Server(
-            (host, port), AccessLog(app, label), numthreads=threads,
+            (host, port), AccessLog(guard_paths(app, registry), label),
+            numthreads=threads,
             server_name="depot", timeout=30, shutdown_timeout=5)
         self.server.max_request_header_size = 64 * 1024
         self.server.ConnectionClass = error_connection(render)
@@ -2640,7 +2666,7 @@ class Depot:
             self.bind_registry(service, repository, tolerate_failure=True)
         self.main = Listener(self.dispatch_main, self.settings.host,
                              self.settings.port, self.tls, "main",
-                             self.settings.threads, render_api_error)
+                             self.settings.threads, registry=False)
         try:
             self.main.start()
         except OSError:
@@ -2662,11 +2688,6 @@ class Depot:
     def dispatch_main(self, environ, start_response):
         """The main port's WSGI app: /v2/ to the registry mounted there."""
         path = environ.get("PATH_INFO", "")
-        try:
-            path.encode("latin1").decode("utf-8")
-        except UnicodeError:
-            return wsgi_error(400, ApiError(400, "the path is not valid UTF-8")
-                              .body(), start_response)
         if path == "/v2" or path.startswith("/v2/"):
             service = self.registries.get(self.main_registry)
             if service is None:

@@ -554,6 +554,10 @@ def raw_path_valid(path):
         return False
     if re.search(r"[\x00-\x1f\x7f\\]", path):
         return False
+    # The server cannot tell a literal "%2F" from an encoded slash: both
+    # are refused.
+    if re.search(r"%2[fF]|%5[cC]", path):
+        return False
     return all(segment not in ("", ".", "..") for segment in path.split("/"))
 
 
@@ -773,4 +777,5 @@ def test_range_headers_on_blobs(ranged_content, header, size):
                   "/v2/ranges/blobs/" + sha256(data),
                   {"Range": header.encode("utf-8")})
     check_range(answer, header, data, registry=True)
-    assert answer.headers.get("Docker-Content-Digest") == sha256(data)
+    if answer.status_code in (200, 206):
+        assert answer.headers.get("Docker-Content-Digest") == sha256(data)
