@@ -379,7 +379,7 @@ class Store:
 
     def _connect(self, first=False):
         connection = apsw.Connection(self.path)
-        connection.set_busy_timeout(BUSY_TIMEOUT_MS)
+        connection.setbusytimeout(BUSY_TIMEOUT_MS)
         if first:
             # Page size only takes effect before the first table exists.
             connection.execute("PRAGMA page_size = 65536")
@@ -452,7 +452,7 @@ class Store:
                     yield connection
                     connection.execute("COMMIT")
                 except BaseException:
-                    if connection.in_transaction:
+                    if not connection.getautocommit():
                         connection.execute("ROLLBACK")
                     raise
             except (apsw.FullError, OSError) as error:
@@ -551,7 +551,7 @@ class Store:
                                        % (content_id, position))
                 rowid, chunk_start, length = chunk
                 count = min(chunk_start + length, end) - position
-                with db.blob_open("main", "chunk", "data", rowid, False) as blob:
+                with db.blobopen("main", "chunk", "data", rowid, False) as blob:
                     blob.seek(position - chunk_start)
                     data = blob.read(count)
             yield data
@@ -699,7 +699,7 @@ class ContentWriter:
             db.execute("INSERT INTO chunk (content_id, start, data) "
                        "VALUES (?, ?, zeroblob(?))",
                        (self.content_id, self.size, len(data)))
-            with db.blob_open("main", "chunk", "data", db.last_insert_rowid(),
+            with db.blobopen("main", "chunk", "data", db.last_insert_rowid(),
                               True) as blob:
                 blob.write(data)
             db.execute("UPDATE content SET size = ? WHERE id = ?",
@@ -1179,6 +1179,11 @@ class Registry:
     def route_manifest(self, method, name, reference):
         self.allow(method, "GET", "HEAD", "PUT", "DELETE")
         if not TAG_PATTERN.fullmatch(reference):
+            if ":" not in reference:
+                raise RegistryError(
+                    "DIGEST_INVALID", 400, "%r is neither a tag (up to 128 "
+                    "letters, digits, '_', '.', '-', not starting with '.' or "
+                    "'-') nor a digest" % reference)
             check_digest(reference)
         return {"GET": self.get_manifest, "HEAD": self.get_manifest,
                 "PUT": self.put_manifest,
@@ -1237,7 +1242,15 @@ class Registry:
             "AND blob.repository_id = ? AND blob.name = ?",
             (digest, self.repository_id, name)).fetchone()
 
+    def require_repository(self, db):
+        """404 when this registry's repository has been deleted meanwhile."""
+        if db.execute("SELECT 1 FROM repository WHERE id = ?",
+                      (self.repository_id,)).fetchone() is None:
+            raise RegistryError("NAME_UNKNOWN", 404, "repository %r was deleted"
+                                % self.repository["name"])
+
     def link_blob(self, db, name, content_id):
+        self.require_repository(db)
         db.execute("INSERT OR IGNORE INTO blob (repository_id, name, content_id, "
                    "created_at) VALUES (?, ?, ?, ?)",
                    (self.repository_id, name, content_id, time.time()))
@@ -1296,6 +1309,7 @@ class Registry:
             return self.monolithic_upload(name, query["digest"])
         session = uuid.uuid4().hex
         with self.store.write(durable=True) as db:
+            self.require_repository(db)
             content_id = self.store.new_content(db)
             now = time.time()
             db.execute("INSERT INTO upload (id, repository_id, name, content_id, "
@@ -1571,6 +1585,7 @@ class Registry:
                     % (digest, reference), {"digest": reference})
         manifest = parse_manifest(data, bottle.request.content_type)
         with self.store.write(durable=True) as db:
+            self.require_repository(db)
             self.check_references(db, name, manifest)
             db.execute(
                 "INSERT INTO manifest (repository_id, name, digest, media_type, "
@@ -1873,12 +1888,22 @@ class RawFiles:
         """GET/HEAD a file: 200 or 206 with Content-Length, Content-Type, ETag,
         Last-Modified and X-Checksum-Sha256; 304 for a matching
         If-None-Match; 416; 404."""
-        with self.store.read() as db:
-            found = self.find_file(db, repository, path)
-        if found is None:
-            raise ApiError(404, "no file %r in repository %r"
-                           % (path, repository["name"]))
-        content_id, size, digest, media_type, updated_at = found
+        # A replace between finding the file and pinning its content frees
+        # the old content; the file is then looked up again, and a reader
+        # gets the new version whole.
+        for attempt in range(3):
+            with self.store.read() as db:
+                found = self.find_file(db, repository, path)
+            if found is None:
+                raise ApiError(404, "no file %r in repository %r"
+                               % (path, repository["name"]))
+            try:
+                return self.send_file(*found)
+            except ContentGone:
+                if attempt == 2:
+                    raise
+
+    def send_file(self, content_id, size, digest, media_type, updated_at):
         sha256 = digest.split(":", 1)[1]
         response = bottle.response
         etag = '"%s"' % sha256
@@ -1889,6 +1914,9 @@ class RawFiles:
             response.status = 304
             return b""
         response.content_type = media_type
+        # Uploaded pages must not run as the management API's origin.
+        response.set_header("X-Content-Type-Options", "nosniff")
+        response.set_header("Content-Security-Policy", "sandbox")
         return send_content(self.store, content_id, size)
 
     def put_file(self, repository, path):
@@ -1899,6 +1927,10 @@ class RawFiles:
         file or directory of the same name.
         """
         request = bottle.request
+        if "CONTENT_LENGTH" not in request.environ and \
+                "chunked" not in request.environ.get("HTTP_TRANSFER_ENCODING", ""):
+            raise ApiError(411, "a file needs a Content-Length or chunked "
+                                "transfer encoding")
         expected = (request.get_header("X-Checksum-Sha256") or "").strip().lower()
         expected = expected.removeprefix("sha256:")
         if expected and not SHA256_HEX.fullmatch(expected):
@@ -1924,6 +1956,10 @@ class RawFiles:
                                % (expected, sha256))
             now = time.time()
             with self.store.write(durable=True) as db:
+                if db.execute("SELECT 1 FROM repository WHERE id = ?",
+                              (repository["id"],)).fetchone() is None:
+                    raise ApiError(404, "repository %r was deleted during the "
+                                        "upload" % repository["name"])
                 self.check_room(db, repository, path)
                 stored = self.store.finish_content(db, content_id,
                                                    "sha256:" + sha256)
@@ -2206,13 +2242,15 @@ class Management:
         document = self.json_body(REPOSITORY_FIELDS)
         name = document.get("name")
         if not isinstance(name, str) or not REPOSITORY_NAME.fullmatch(name):
-            raise ApiError(400, "name: required; lower-case letters, digits, "
-                                "'.', '_' and '-', starting with a letter or "
-                                "digit, at most 64 characters")
+            raise ApiError(400, "name: %s; lower-case letters, digits, '.', "
+                                "'_' and '-', starting with a letter or digit, "
+                                "at most 64 characters"
+                           % ("required" if name is None else "invalid"))
         kind = document.get("type")
         if kind not in REPOSITORY_TYPES:
-            raise ApiError(400, "type: required; one of %s"
-                           % ", ".join(REPOSITORY_TYPES))
+            raise ApiError(400, "type: %s; one of %s" % (
+                "required" if kind is None else "unknown type %r" % (kind,),
+                ", ".join(REPOSITORY_TYPES)))
         description = check_description(document.get("description", ""))
         if "config" in document and not isinstance(document["config"], dict):
             raise ApiError(400, "config: must be an object")
@@ -2364,7 +2402,7 @@ OPENAPI = {
                 "operationId": "showRepository",
                 "responses": {"200": _answer("the repository",
                                              _schema_ref("Repository")),
-                              "404": _ERROR}},
+                              "400": _ERROR, "404": _ERROR}},
             "patch": {
                 "summary": "Change a repository's description or config",
                 "operationId": "changeRepository",
@@ -2378,7 +2416,8 @@ OPENAPI = {
             "delete": {
                 "summary": "Delete a repository and everything in it",
                 "operationId": "deleteRepository",
-                "responses": {"204": _answer("deleted"), "404": _ERROR}}},
+                "responses": {"204": _answer("deleted"), "400": _ERROR,
+                              "404": _ERROR}}},
     },
     "components": {"schemas": {
         "Error": {"type": "object", "required": ["error"],
@@ -2457,6 +2496,9 @@ OPENAPI = {
 # all: it starts a repository's servers before its record is saved, moves
 # them when its ports change, and stops them when it is deleted.
 
+UNPRINTABLE = re.compile(r"[\x00-\x20\x7f-\xff]")
+
+
 class AccessLog:
     """WSGI middleware: one log line per request, once its body has been sent."""
 
@@ -2493,9 +2535,10 @@ class LoggedBody:
                 self.body.close()
         finally:
             environ = self.environ
-            path = environ.get("PATH_INFO", "")
-            if environ.get("QUERY_STRING"):
-                path += "?" + environ["QUERY_STRING"]
+            path = environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
+            # As the client sent it; what could forge a line is escaped.
+            path = UNPRINTABLE.sub(lambda match: "%%%02X" % ord(match.group()),
+                                   path)
             access_log.info(
                 "%s %s %s %s %s %dB %.1fms", self.label,
                 environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD"),
@@ -2587,7 +2630,9 @@ class Listener:
             numthreads=threads,
             server_name="depot", timeout=30, shutdown_timeout=5)
         self.server.max_request_header_size = 64 * 1024
+        self.server.request_queue_size = 128
         self.server.ConnectionClass = error_connection(render)
+        self.server.error_log = self.server_log
         if tls is not None:
             self.server.ssl_adapter = tls_adapter(*tls)
         self.thread = None
@@ -2595,6 +2640,20 @@ class Listener:
     @property
     def scheme(self):
         return "https" if self.tls else "http"
+
+    def server_log(self, msg="", level=logging.INFO, traceback=False):
+        """cheroot's own messages, mostly clients that went away, in one line.
+
+        Tracebacks are kept for errors that are not a connection's fault.
+        """
+        error = sys.exc_info()[1] if traceback else None
+        client_fault = error is None or isinstance(
+            error, (OSError, ssl.SSLError, ValueError))
+        if level >= logging.ERROR and not client_fault:
+            log.error("%s: %s", self.label, msg, exc_info=True)
+        else:
+            log.debug("%s: %s%s", self.label, msg,
+                      " (%s)" % error if error is not None else "")
 
     def start(self):
         """Bind the port (OSError when it cannot be had) and start serving."""
@@ -2840,7 +2899,8 @@ class Depot:
             service = self.registries.get(name)
             changed = dict(repository, description=description, config=config,
                            updated_at=time.time())
-            if service is not None and config != repository["config"]:
+            if service is not None and (config != repository["config"]
+                                        or service.errors):
                 self.check_ports(name, config)
                 previous = service.registry.repository
                 self.bind_registry(service, changed)
@@ -2905,6 +2965,7 @@ class Depot:
         """Expire idle upload sessions and free unreferenced content."""
         while not self.stopping.is_set():
             try:
+                self.retry_registries()
                 self.expire_uploads()
                 removed = self.store.collect_garbage()
                 if removed:
@@ -2916,6 +2977,16 @@ class Depot:
             self.store.garbage.wait(min(JANITOR_INTERVAL,
                                         max(self.settings.upload_expiry / 2, 1)))
             self.store.garbage.clear()
+
+    def retry_registries(self):
+        """Try again to bind the registry ports that could not be bound."""
+        with self.changes:
+            for name, service in list(self.registries.items()):
+                if service.errors:
+                    self.bind_registry(service, service.registry.repository,
+                                       tolerate_failure=True)
+                    if not service.errors:
+                        log.info("registry %s is up again", name)
 
     def expire_uploads(self):
         cutoff = time.time() - self.settings.upload_expiry
@@ -3070,11 +3141,18 @@ def main(argv=None):
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
-    os.makedirs(os.path.dirname(settings.db_path), exist_ok=True)
-    lock = lock_data(settings)
-    cert, key = ensure_certificate(settings)
-    store = Store(settings.db_path, settings.durability)
+    try:
+        os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(settings.db_path), exist_ok=True)
+        lock = lock_data(settings)
+        cert, key = ensure_certificate(settings)
+        tls_adapter(cert, key)
+        store = Store(settings.db_path, settings.durability)
+    except ssl.SSLError as error:
+        raise SystemExit("the certificate %s or its key %s cannot be used: %s"
+                         % (cert, key, error)) from None
+    except (OSError, apsw.Error) as error:
+        raise SystemExit("cannot open Depot's data: %s" % error) from None
     depot = Depot(settings, store, (cert, key))
     stop = threading.Event()
 
