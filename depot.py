@@ -87,11 +87,16 @@ JANITOR_INTERVAL = 60
 BUSY_TIMEOUT_MS = 60_000
 
 #: Largest number of SQLite connections open at once.
-POOL_SIZE = 32
+POOL_SIZE = 16
 
-#: SQLite's ``synchronous`` for the writes of a body's chunks, per durability
-#: setting. The commit that acknowledges an upload is always FULL.
-DURABILITY = {"fast": "OFF", "safe": "NORMAL"}
+#: KiB of page cache per SQLite connection.
+CACHE_KIB = 2048
+
+#: SQLite's ``synchronous`` per durability setting: for the writes of a
+#: body's chunks, and for the commits that acknowledge a change to a client.
+#: In rollback-journal mode NORMAL already flushes journal and database
+#: before a commit returns; FULL flushes the journal's header once more.
+DURABILITY = {"fast": ("OFF", "NORMAL"), "safe": ("NORMAL", "FULL")}
 
 SETTINGS = (
     # (name, flag type, default, help)
@@ -245,9 +250,9 @@ def storage_failure(error):
 # The database uses a rollback journal, not WAL: the chunks of a body go to
 # pages appended to the file, which a rollback journal need not copy, so every
 # byte is written once (WAL writes it twice: to the log, then at checkpoint).
-# Chunk commits are not flushed one by one (``synchronous=OFF``, safe against
-# any crash of the process); the commit that acknowledges an upload is
-# flushed with everything before it (``synchronous=FULL``).
+# By default chunk commits are not flushed one by one (``synchronous=OFF``,
+# safe against any crash of the process); the commit that acknowledges an
+# upload is flushed with everything before it (see DURABILITY).
 #
 # Content that nothing references (no raw file, no linked blob, no upload
 # session) is garbage. The collector first clears its digest, so nothing can
@@ -361,7 +366,7 @@ class Store:
 
     def __init__(self, path, durability="fast"):
         self.path = path
-        self.synchronous = DURABILITY[durability]
+        self.synchronous, self.durable_synchronous = DURABILITY[durability]
         self._pool = []
         self._open = 0
         self._pool_ready = threading.Condition()
@@ -386,7 +391,9 @@ class Store:
             connection.execute("PRAGMA journal_mode = PERSIST")
         connection.execute("PRAGMA foreign_keys = ON")
         connection.execute("PRAGMA synchronous = %s" % self.synchronous)
-        connection.execute("PRAGMA cache_size = -8192")
+        # Chunk pages pass through once; another connection's write empties
+        # this cache anyway (rollback journal), so a small one does.
+        connection.execute("PRAGMA cache_size = -%d" % CACHE_KIB)
         return connection
 
     def _migrate(self, connection):
@@ -440,12 +447,13 @@ class Store:
     def write(self, durable=False):
         """A connection inside a write transaction, committed on success.
 
-        ``durable`` makes the commit wait for the disk (``synchronous=FULL``):
-        used for every step that a client is told has succeeded.
+        ``durable`` makes the commit wait for the disk: used for every step
+        that a client is told has succeeded.
         """
         with self._write_lock, self._connection() as connection:
             if durable:
-                connection.execute("PRAGMA synchronous = FULL")
+                connection.execute("PRAGMA synchronous = %s"
+                                   % self.durable_synchronous)
             try:
                 connection.execute("BEGIN IMMEDIATE")
                 try:
@@ -1308,7 +1316,9 @@ class Registry:
         if query.get("digest"):
             return self.monolithic_upload(name, query["digest"])
         session = uuid.uuid4().hex
-        with self.store.write(durable=True) as db:
+        # Not flushed: a session lost to a power failure is a 404 on the next
+        # PATCH, and the client starts over.
+        with self.store.write() as db:
             self.require_repository(db)
             content_id = self.store.new_content(db)
             now = time.time()
