@@ -497,18 +497,23 @@ class Store:
                    "VALUES (NULL, 0, ?)", (time.time(),))
         return db.last_insert_rowid()
 
-    @contextlib.contextmanager
-    def pinned(self, content_id):
-        """Keep the chunks of ``content_id`` while the block runs."""
+    def pin(self, content_id, only_if_free=False):
+        """Hold the chunks of ``content_id`` until the Pin is released.
+
+        With ``only_if_free`` (the garbage collector's way) nothing is held
+        and None returned when someone else holds the content already.
+        """
         with self._pins_lock:
+            if only_if_free and self._pins[content_id]:
+                return None
             self._pins[content_id] += 1
-        try:
-            yield
-        finally:
-            with self._pins_lock:
-                self._pins[content_id] -= 1
-                if not self._pins[content_id]:
-                    del self._pins[content_id]
+        return Pin(self, content_id)
+
+    def unpin(self, content_id):
+        with self._pins_lock:
+            self._pins[content_id] -= 1
+            if not self._pins[content_id]:
+                del self._pins[content_id]
 
     def is_live(self, content_id):
         """True while the content has its digest (it has not been collected)."""
@@ -580,20 +585,14 @@ class Store:
                 "(SELECT 1 FROM upload WHERE content_id = content.id)")]
         removed = 0
         for content_id in dead:
-            with self._pins_lock:
-                if self._pins[content_id]:
-                    continue
-                # Pinning takes this lock too, and a pin taken from now on
-                # sees the cleared digest and lets go: the chunks are ours.
-                self._pins[content_id] += 1
-            try:
+            # A reader that pins after this sees the cleared digest and lets
+            # go (pin_live): the chunks are the collector's.
+            pin = self.pin(content_id, only_if_free=True)
+            if pin is None:
+                continue
+            with pin:
                 self._delete_content(content_id)
-                removed += 1
-            finally:
-                with self._pins_lock:
-                    self._pins[content_id] -= 1
-                    if not self._pins[content_id]:
-                        del self._pins[content_id]
+            removed += 1
         return removed
 
     def _delete_content(self, content_id):
@@ -618,27 +617,45 @@ class Store:
                                (content_id,))
                     return
 
-    def pinned_live(self, content_id):
-        """Pin a content for reading; returns the context or None if it is gone.
+    def pin_live(self, content_id):
+        """Pin a content for reading; None when it has been collected.
 
         The caller found ``content_id`` through a reference that may have gone
         since; checking the digest after pinning closes that gap.
         """
-        pin = self.pinned(content_id)
-        pin.__enter__()
+        pin = self.pin(content_id)
         if self.is_live(content_id):
             return pin
-        pin.__exit__(None, None, None)
+        pin.release()
         return None
+
+
+class Pin:
+    """A hold on a content's chunks; the garbage collector leaves them be."""
+
+    def __init__(self, store, content_id):
+        self.store, self.content_id, self.held = store, content_id, True
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.store.unpin(self.content_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
 
 
 class ContentWriter:
     """Streams bytes into the chunks of one content row, hashing on the way.
 
-    The request's thread reads and hashes; each full chunk goes through a
-    short queue to a storing thread, so that hashing and SQLite's writes run
-    on two cores at once. A body smaller than one chunk is stored without a
-    thread. ``size`` counts the bytes stored once ``close()`` has returned.
+    The request's thread reads and hashes; from the second full chunk on,
+    chunks go through a short queue to a storing thread, so that hashing and
+    SQLite's writes run on two cores at once. A body of one chunk or less is
+    stored without a thread. ``size`` counts the bytes stored once
+    ``close()`` has returned.
 
     ``touch`` is an optional callable run inside each chunk's transaction
     (an upload session uses it to check it still exists and to mark it used).
@@ -648,6 +665,7 @@ class ContentWriter:
         self.store, self.content_id = store, content_id
         self.size, self.hasher, self.touch = size, hasher, touch
         self.buffer = bytearray()
+        self.first = None
         self.queue = None
         self.thread = None
         self.failure = None
@@ -664,11 +682,13 @@ class ContentWriter:
 
     def close(self):
         """Store what is buffered and wait until every chunk is stored."""
-        if self.buffer and self.thread is None:
-            self._store(self.buffer)
+        if self.thread is None:
+            for chunk in (self.first, self.buffer):
+                if chunk:
+                    self._store(chunk)
         elif self.buffer:
             self._submit(bytes(self.buffer))
-        self.buffer = bytearray()
+        self.first, self.buffer = None, bytearray()
         if self.thread is not None:
             self.queue.put(None)
             self.thread.join()
@@ -679,12 +699,17 @@ class ContentWriter:
     def _submit(self, chunk):
         if self.failure is not None:
             raise self.failure
+        if self.thread is None and self.first is None:
+            self.first = chunk
+            return
         if self.thread is None:
             self.queue = queue.Queue(maxsize=2)
             self.thread = threading.Thread(target=self._drain, daemon=True,
                                            name="store content %d"
                                            % self.content_id)
             self.thread.start()
+            self.queue.put(self.first)
+            self.first = None
         self.queue.put(chunk)
 
     def _drain(self):
@@ -933,7 +958,7 @@ def send_content(store, content_id, size):
     response.set_header("Content-Length", str(end - start))
     if bottle.request.method == "HEAD" or start == end:
         return b""
-    pin = store.pinned_live(content_id)
+    pin = store.pin_live(content_id)
     if pin is None:
         raise ContentGone()
     return stream_and_unpin(store.chunks(content_id, start, end), pin)
@@ -948,7 +973,7 @@ def stream_and_unpin(chunks, pin):
         log.exception("sending stored content failed")
         raise
     finally:
-        pin.__exit__(None, None, None)
+        pin.release()
 
 
 def http_date(timestamp):
@@ -1353,15 +1378,15 @@ class Registry:
         algorithm = check_digest(digest)
         with self.store.write() as db:
             content_id = self.store.new_content(db)
-            pin = self.store.pinned(content_id)
-            pin.__enter__()
+            pin = self.store.pin(content_id)
         try:
-            writer = ContentWriter(self.store, content_id, 0,
-                                   hashlib.new(algorithm))
-            receive(bottle.request.environ, writer)
-            self.store_blob(name, content_id, writer.hasher, digest)
+            with pin:
+                writer = ContentWriter(self.store, content_id, 0,
+                                       hashlib.new(algorithm))
+                receive(bottle.request.environ, writer)
+                self.store_blob(name, content_id, writer.hasher, digest)
         finally:
-            pin.__exit__(None, None, None)
+            # A copy that was already stored, or a failed upload, is garbage.
             self.store.garbage.set()
         return self.blob_created(name, digest)
 
@@ -1474,7 +1499,7 @@ class Registry:
                                     "upload session %r is gone" % session)
 
         writer = ContentWriter(self.store, content_id, size, hasher[1], touch)
-        with self.store.pinned(content_id):
+        with self.store.pin(content_id):
             try:
                 receive(environ, writer)
             except BaseException:
@@ -1954,8 +1979,7 @@ class RawFiles:
 
         with self.store.write() as db:
             content_id = self.store.new_content(db)
-            pin = self.store.pinned(content_id)
-            pin.__enter__()
+            pin = self.store.pin(content_id)
         try:
             writer = ContentWriter(self.store, content_id, 0, hashlib.sha256())
             receive(request.environ, writer)
@@ -1983,7 +2007,7 @@ class RawFiles:
                     "updated_at = excluded.updated_at",
                     (repository["id"], path, stored, media_type, now, now))
         finally:
-            pin.__exit__(None, None, None)
+            pin.release()
             self.store.garbage.set()
         bottle.response.set_header("ETag", '"%s"' % sha256)
         bottle.response.set_header("Location", "/repository/%s/%s"
