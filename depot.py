@@ -22,6 +22,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import ctypes
 import datetime
 import email.utils
 import errno
@@ -3170,8 +3171,24 @@ def log_banner(depot, cert):
                      "" if server["up"] else " (down: %s)" % server["error"])
 
 
+def limit_malloc_arenas():
+    """Keep glibc from holding freed chunk buffers in many per-thread arenas.
+
+    Each thread that allocates 1 MiB buffers may get an arena of its own,
+    which keeps freed memory: resident memory crept to 118 MiB over the
+    benchmark's rounds, and stays under 75 MiB with two arenas. (Holding the
+    mmap threshold low instead made every buffer a fresh mapping and a pull
+    cost four times the CPU.)
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)   # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass   # not glibc: nothing to tune
+
+
 def main(argv=None):
     settings = Settings.from_command_line(argv)
+    limit_malloc_arenas()
     logging.basicConfig(
         level=settings.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
