@@ -1973,8 +1973,7 @@ class RawFiles:
             raise ApiError(400, "X-Checksum-Sha256: not 64 hex digits")
         media_type = request.get_header("Content-Type", "").strip()
         if media_type.split(";")[0].strip().lower() in MEANINGLESS_TYPES:
-            media_type = (mimetypes.guess_type(path)[0]
-                          or "application/octet-stream")
+            media_type = guess_media_type(path)
         with self.store.read() as db:
             self.check_room(db, repository, path)
 
@@ -2083,6 +2082,19 @@ class RawFiles:
         if wants_html(bottle.request.environ.get("HTTP_ACCEPT", "")):
             return html_listing(listing)
         return json_response(listing)
+
+
+#: What a compressed file is, by the compression mimetypes finds in its name.
+COMPRESSED_TYPES = {"gzip": "application/gzip", "bzip2": "application/x-bzip2",
+                    "xz": "application/x-xz", "br": "application/x-brotli",
+                    "compress": "application/x-compress"}
+
+
+def guess_media_type(path):
+    """The media type of a file from its name: ``app.tar.gz`` is gzip."""
+    media_type, encoding = mimetypes.guess_type(path)
+    return COMPRESSED_TYPES.get(encoding) or media_type or \
+        "application/octet-stream"
 
 
 def etag_matches(header, etag):
@@ -2280,7 +2292,9 @@ class Management:
             raise ApiError(400, "name: %s; lower-case letters, digits, '.', "
                                 "'_' and '-', starting with a letter or digit, "
                                 "at most 64 characters"
-                           % ("required" if name is None else "invalid"))
+                           % ("required" if name is None else
+                              "must be a string" if not isinstance(name, str)
+                              else "invalid"))
         kind = document.get("type")
         if kind not in REPOSITORY_TYPES:
             raise ApiError(400, "type: %s; one of %s" % (
@@ -2825,7 +2839,8 @@ class Depot:
                     for other in started.values():
                         other.stop()
                     raise ApiError(409, "config.%s_port: %s" % (scheme, message))
-                log.warning("registry %s: %s", name, message)
+                if service.errors.get(scheme) != message:
+                    log.warning("registry %s: %s", name, message)
                 service.errors[scheme] = message
                 continue
             started[scheme] = listener

@@ -117,8 +117,11 @@ def test_content_type_as_uploaded_else_from_the_name(depot, raw_repo):
     put(depot, raw_repo, "a.json", b"{}")
     put(depot, raw_repo, "b.bin", b"\0", **{"Content-Type": "image/png"})
     put(depot, raw_repo, "c", b"?")
+    put(depot, raw_repo, "d.tar.gz", b"\x1f\x8b")
     assert get(depot, raw_repo, "a.json").headers["Content-Type"] == \
         "application/json"
+    assert get(depot, raw_repo, "d.tar.gz").headers["Content-Type"] == \
+        "application/gzip"
     assert get(depot, raw_repo, "b.bin").headers["Content-Type"] == "image/png"
     assert get(depot, raw_repo, "c").headers["Content-Type"] == \
         "application/octet-stream"
