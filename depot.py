@@ -149,12 +149,12 @@ class Settings:
                    "a flag wins over its variable.")
         for name, kind, default, text in SETTINGS:
             variable = "DEPOT_" + name.upper()
-            shown = default if default is not None else "see below"
+            shown = "" if default is None else "; default %s" % default
             parser.add_argument(
                 "--" + name.replace("_", "-"), type=kind, default=None,
                 metavar=variable.removeprefix("DEPOT_"),
-                help="%s [%s; default %s]" % (
-                    text % {"default_dir": default_data_dir()}, variable, shown))
+                help="%s [%s%s]" % (text % {"default_dir": default_data_dir()},
+                                     variable, shown))
         parser.add_argument("--version", action="version", version=__version__)
         arguments = parser.parse_args(argv)
         values = {}
