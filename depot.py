@@ -19,7 +19,6 @@ protocol, raw files, the management API, servers, TLS and the command line.
 """
 
 import argparse
-import base64
 import collections
 import contextlib
 import ctypes
@@ -375,7 +374,6 @@ class Store:
         self._pins = collections.Counter()
         self._pins_lock = threading.Lock()
         self.garbage = threading.Event()
-        self.closed = False
         connection = self._connect(first=True)
         self._migrate(connection)
         self._pool.append(connection)
@@ -485,7 +483,6 @@ class Store:
 
     def close(self):
         with self._pool_ready:
-            self.closed = True
             for connection in self._pool:
                 connection.close()
             self._pool.clear()

@@ -1,6 +1,5 @@
 """The management API, start-up, settings, TLS and the server life cycle."""
 
-import json
 import os
 import signal
 import socket

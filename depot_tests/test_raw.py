@@ -2,7 +2,6 @@
 
 import hashlib
 import http.client
-import os
 import ssl
 import threading
 
