@@ -145,51 +145,61 @@ def test_kill_during_monolithic_blob_push(kdepot):
     stop_and_check_store(kdepot)
 
 
-def test_kill_between_chunks_of_an_upload(kdepot):
-    port, client = new_registry(kdepot, "chunks")
-    data = sc.random_bytes(5 * MIB + 123)
+def push_first_chunk(client, data, first):
+    """Open an upload of ``data`` and PATCH its first ``first`` bytes."""
     answer = client.start_upload("img")
     assert answer.status_code == 202, answer.text
-    location = answer.headers["Location"]
-    first = 3 * MIB
-    answer = client.call("PATCH", location, data=data[:first], headers={
-        "Content-Range": "0-%d" % (first - 1),
-        "Content-Type": "application/octet-stream"})
+    answer = client.call("PATCH", answer.headers["Location"],
+                         data=data[:first], headers={
+                             "Content-Range": "0-%d" % (first - 1),
+                             "Content-Type": "application/octet-stream"})
     assert answer.status_code == 202, answer.text
     assert answer.headers["Range"] == "0-%d" % (first - 1)
-    location = answer.headers["Location"]
+    return answer.headers["Location"]
 
-    kill_and_check(kdepot)
 
+def resume_after_restart(port, location, data, least, most):
+    """After a crash: the session is cleanly gone, or it holds between
+    ``least`` and ``most`` bytes and the rest can be pushed."""
     client = sc.Registry("http://127.0.0.1:%d" % port)
+    # Nothing of the unfinished upload is a blob.
+    assert client.call("HEAD", "/v2/img/blobs/" + sc.digest(data)).status_code == 404
     status = client.call("GET", location)
-    if status.status_code == 404:        # cleanly gone is allowed
+    if status.status_code == 404:
         assert status.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
         return
     assert status.status_code == 204, status.text
-    assert status.headers["Range"] == "0-%d" % (first - 1)
-    answer = client.call("PATCH", status.headers["Location"], data=data[first:],
-                         headers={"Content-Range": "%d-%d" % (first, len(data) - 1),
+    held = int(status.headers["Range"].split("-")[1]) + 1
+    assert least <= held <= most
+    # Resume where the server says it is; if the stored prefix were wrong the
+    # final digest check would refuse the blob.
+    answer = client.call("PATCH", status.headers["Location"], data=data[held:],
+                         headers={"Content-Range": "%d-%d" % (held, len(data) - 1),
                                   "Content-Type": "application/octet-stream"})
     assert answer.status_code == 202, answer.text
     answer = client.call("PUT", answer.headers["Location"],
                          params={"digest": sc.digest(data)})
     assert answer.status_code == 201, answer.text
     assert client.check_blob("img", sc.digest(data)) == []
+
+
+def test_kill_between_chunks_of_an_upload(kdepot):
+    port, client = new_registry(kdepot, "chunks")
+    data = sc.random_bytes(5 * MIB + 123)
+    first = 3 * MIB
+    location = push_first_chunk(client, data, first)
+
+    kill_and_check(kdepot)
+
+    resume_after_restart(port, location, data, first, first)
     stop_and_check_store(kdepot)
 
 
 def test_kill_during_a_patch(kdepot):
     port, client = new_registry(kdepot, "patch")
     data = sc.random_bytes(12 * MIB + 5)
-    answer = client.start_upload("img")
-    assert answer.status_code == 202
-    location = answer.headers["Location"]
     first = 2 * MIB
-    answer = client.call("PATCH", location, data=data[:first], headers={
-        "Content-Range": "0-%d" % (first - 1)})
-    assert answer.status_code == 202, answer.text
-    location = answer.headers["Location"]
+    location = push_first_chunk(client, data, first)
 
     # The second PATCH streams 10 MiB and is cut off by the kill after ~6.
     stream = sc.RawHTTP("127.0.0.1", port).begin(
@@ -202,25 +212,7 @@ def test_kill_during_a_patch(kdepot):
     kill_and_check(kdepot)
     stream.abort()
 
-    client = sc.Registry("http://127.0.0.1:%d" % port)
-    # Nothing of the unfinished upload is a blob.
-    assert client.call("HEAD", "/v2/img/blobs/" + sc.digest(data)).status_code == 404
-    status = client.call("GET", location)
-    if status.status_code == 404:
-        assert status.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
-        return
-    assert status.status_code == 204, status.text
-    held = int(status.headers["Range"].split("-")[1]) + 1
-    assert first <= held <= first + 6 * MIB
-    # Resume where the server says it is; if the stored prefix were wrong the
-    # final digest check would refuse the blob.
-    answer = client.call("PATCH", status.headers["Location"], data=data[held:],
-                         headers={"Content-Range": "%d-%d" % (held, len(data) - 1)})
-    assert answer.status_code == 202, answer.text
-    answer = client.call("PUT", answer.headers["Location"],
-                         params={"digest": sc.digest(data)})
-    assert answer.status_code == 201, answer.text
-    assert client.check_blob("img", sc.digest(data)) == []
+    resume_after_restart(port, location, data, first, first + 6 * MIB)
     stop_and_check_store(kdepot)
 
 
