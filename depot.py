@@ -489,6 +489,11 @@ class Store:
 
     # Content ---------------------------------------------------------------
 
+    def has_repository(self, db, repository_id):
+        """True while the repository exists (it may be deleted mid-upload)."""
+        return db.execute("SELECT 1 FROM repository WHERE id = ?",
+                          (repository_id,)).fetchone() is not None
+
     def new_content(self, db):
         """Insert an empty content row, still without digest; returns its id."""
         db.execute("INSERT INTO content (digest, size, created_at) "
@@ -1266,17 +1271,17 @@ class Registry:
     # Blobs -----------------------------------------------------------------
 
     def find_blob(self, db, name, digest):
-        """(content id, size) of a blob linked into ``name``, or None."""
+        """(content id, size) of a blob linked into ``name`` (None: into any
+        image name of this registry), or None."""
         return db.execute(
             "SELECT content.id, content.size FROM content JOIN blob "
             "ON blob.content_id = content.id WHERE content.digest = ? "
-            "AND blob.repository_id = ? AND blob.name = ?",
-            (digest, self.repository_id, name)).fetchone()
+            "AND blob.repository_id = ? AND (? IS NULL OR blob.name = ?) "
+            "LIMIT 1", (digest, self.repository_id, name, name)).fetchone()
 
     def require_repository(self, db):
         """404 when this registry's repository has been deleted meanwhile."""
-        if db.execute("SELECT 1 FROM repository WHERE id = ?",
-                      (self.repository_id,)).fetchone() is None:
+        if not self.store.has_repository(db, self.repository_id):
             raise RegistryError("NAME_UNKNOWN", 404, "repository %r was deleted"
                                 % self.repository["name"])
 
@@ -1358,14 +1363,7 @@ class Registry:
         name in this registry that holds it will do.
         """
         with self.store.write(durable=True) as db:
-            if source:
-                found = self.find_blob(db, source, digest)
-            else:
-                found = db.execute(
-                    "SELECT content.id, content.size FROM content JOIN blob "
-                    "ON blob.content_id = content.id WHERE content.digest = ? "
-                    "AND blob.repository_id = ? LIMIT 1",
-                    (digest, self.repository_id)).fetchone()
+            found = self.find_blob(db, source or None, digest)
             if found is None:
                 return False
             self.link_blob(db, name, found[0])
@@ -1987,8 +1985,7 @@ class RawFiles:
                                % (expected, sha256))
             now = time.time()
             with self.store.write(durable=True) as db:
-                if db.execute("SELECT 1 FROM repository WHERE id = ?",
-                              (repository["id"],)).fetchone() is None:
+                if not self.store.has_repository(db, repository["id"]):
                     raise ApiError(404, "repository %r was deleted during the "
                                         "upload" % repository["name"])
                 self.check_room(db, repository, path)
@@ -2043,20 +2040,16 @@ class RawFiles:
     def list_directory(self, repository, path):
         """GET a directory (a path ending in /): 200 with its entries as JSON,
         or as an HTML page for a browser; 404 for a directory with no files."""
+        # The paths below ``dir/`` sort between "dir/" and "dir0" ('0'
+        # follows '/'); the root has no upper bound.
+        upper = path[:-1] + "0" if path else None
         with self.store.read() as db:
-            if path:
-                rows = db.execute(
-                    "SELECT path, content.size, content.digest, media_type, "
-                    "updated_at FROM raw_file JOIN content ON content.id = "
-                    "raw_file.content_id WHERE repository_id = ? AND path > ? "
-                    "AND path < ? ORDER BY path",
-                    (repository["id"], path, path[:-1] + "0")).fetchall()
-            else:
-                rows = db.execute(
-                    "SELECT path, content.size, content.digest, media_type, "
-                    "updated_at FROM raw_file JOIN content ON content.id = "
-                    "raw_file.content_id WHERE repository_id = ? ORDER BY path",
-                    (repository["id"],)).fetchall()
+            rows = db.execute(
+                "SELECT path, content.size, content.digest, media_type, "
+                "updated_at FROM raw_file JOIN content ON content.id = "
+                "raw_file.content_id WHERE repository_id = ? AND path > ? "
+                "AND (? IS NULL OR path < ?) ORDER BY path",
+                (repository["id"], path, upper, upper)).fetchall()
         if path and not rows:
             raise ApiError(404, "no directory %r in repository %r"
                            % (path, repository["name"]))
